@@ -261,13 +261,16 @@ class GPT(nn.Module):
         device = self.lm_head.weight.device
         return KVCache(c.n_layer, batch_size, c.n_head, c.n_embd // c.n_head, max_len or c.block_size, device)
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, n_embd) final hidden states (after ln_f)."""
-        B, T = idx.shape
+    def hidden_states(
+        self, idx: Optional[torch.Tensor], kv_cache: Optional[KVCache] = None, inputs_embeds: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, n_embd) final hidden states (after ln_f). inputs_embeds (B, T, n_embd)
+        replaces the token embeddings (idx is then None): prompt tuning feeds learned vectors this way."""
+        x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T = x.shape[:2]
         past = kv_cache.pos if kv_cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than the context ({self.config.block_size})")
-        x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_encoding == "learned":
             x = x + self.transformer.wpe.weight[past : past + T]  # a slice: no index tensor per step
