@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from train import (ConfigError, RunError, StopFlag, TrainConfig, append_jsonl, check_config, compute_init,
-                   configure_optimizer, default_out_dir, estimate_loss, format_time, get_batch, get_lr,
+                   configure_optimizer, default_out_dir, estimate_loss, format_best_val, format_time, get_batch, get_lr,
                    hardware_summary, install_signal_handlers, load_checkpoint, parse_config, parse_split, print0,
                    read_jsonl, resolve_data_paths, restore_signal_handlers, save_checkpoint, set_status,
                    truncate_jsonl, write_json_atomic)
@@ -973,7 +973,7 @@ def finetune(cfg: FinetuneConfig, argv: list) -> int:
         elif cfg.merge:
             print0(f"--merge: {cfg.method} already saved a whole model in {out_dir / 'model'}")
         set_status(out_dir, status, iter_num, message)
-        print0(f"{status} at iter {iter_num}, best val {best_val:.4f}, "
+        print0(f"{status} at iter {iter_num}, {format_best_val(best_val)}, "
                f"{format_time(elapsed_before + time.time() - t_start)}; output in {out_dir}")
         if not head:
             print0(f"sample it: python sample.py --model {out_dir}" if cfg.method in ("full", "freeze") else

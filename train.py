@@ -482,6 +482,10 @@ def hardware_summary(device, world: int = 1) -> str:
     return f"{what} x {world} process(es), torch {torch.__version__}"
 
 
+def format_best_val(best_val: float) -> str:
+    return f"best val {best_val:.4f}" if math.isfinite(best_val) else "no evaluation yet"
+
+
 def format_time(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -627,7 +631,7 @@ def train(cfg: TrainConfig, argv: list) -> int:
         if master:
             truncate_jsonl(out_dir / "metrics.jsonl", iter_num)
             truncate_jsonl(out_dir / "samples.jsonl", iter_num)
-        print0(f"resumed from {ckpt_path} at iter {iter_num} (best val {best_val:.4f})")
+        print0(f"resumed from {ckpt_path} at iter {iter_num} ({format_best_val(best_val)})")
         del resume_ckpt
     else:
         torch.manual_seed(cfg.seed + rank)  # dropout differs per process
@@ -766,7 +770,7 @@ def train(cfg: TrainConfig, argv: list) -> int:
     accelerator.wait_for_everyone()
     if master:
         set_status(out_dir, status, iter_num, message)
-        print0(f"{status} at iter {iter_num}, best val {best_val:.4f}, "
+        print0(f"{status} at iter {iter_num}, {format_best_val(best_val)}, "
                f"{format_time(elapsed_before + time.time() - t_start)}; model in {out_dir / 'model'}")
         print0(f"sample it: python sample.py --model {out_dir}")
     if cfg.push_to_hub and status == "finished" and master:  # after wait_for_everyone: pushed once
