@@ -267,7 +267,7 @@ class GPT(nn.Module):
         """(B, T) token ids -> (B, T, n_embd) final hidden states (after ln_f). inputs_embeds (B, T, n_embd)
         replaces the token embeddings (idx is then None): prompt tuning feeds learned vectors this way."""
         x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        B, T = x.shape[:2]
+        T = x.size(1)
         past = kv_cache.pos if kv_cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than the context ({self.config.block_size})")
