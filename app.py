@@ -31,7 +31,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 import unicodedata
 import uuid
 import zipfile

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from train import (ConfigError, RunError, StopFlag, TrainConfig, append_jsonl, check_config, compute_init,
                    configure_optimizer, default_out_dir, estimate_loss, format_best_val, format_time, get_batch, get_lr,
                    hardware_summary, install_signal_handlers, load_checkpoint, parse_config, parse_split, print0,
-                   read_jsonl, resolve_data_paths, restore_signal_handlers, save_checkpoint, set_status,
-                   truncate_jsonl, write_json_atomic)
+                   read_jsonl, resolve_data_paths, restore_signal_handlers, restore_state, rng_state,
+                   save_checkpoint, set_status, truncate_jsonl, user_errors, write_json_atomic, exit_with_error)
 
 METHODS = ("lora", "ia3", "loha", "adalora", "full", "freeze", "prompt", "prefix")
 WEIGHT_ADAPTERS = ("lora", "ia3", "loha", "adalora")  # peft methods that change weights (mergeable)
@@ -770,13 +770,9 @@ def finetune(cfg: FinetuneConfig, argv: list) -> int:
     model, optimizer = accelerator.prepare(raw_model, optimizer)
     iter_num, best_val, bad_evals, elapsed_before = 0, float("inf"), 0, 0.0
     if resume_ckpt is not None:
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        restore_state(resume_ckpt, optimizer, accelerator, batch_gen, device, rank, world)
         iter_num, best_val = resume_ckpt["iter"], resume_ckpt["best_val"]
         bad_evals, elapsed_before = resume_ckpt["bad_evals"], resume_ckpt["elapsed_s"]
-        rng = resume_ckpt["rng"]
-        if len(rng) == world:
-            torch.set_rng_state(rng[rank]["torch"])
-            batch_gen.set_state(rng[rank]["batch"])
         if master:
             truncate_jsonl(out_dir / "metrics.jsonl", iter_num)
             truncate_jsonl(out_dir / "samples.jsonl", iter_num)
@@ -789,11 +785,11 @@ def finetune(cfg: FinetuneConfig, argv: list) -> int:
         """checkpoint.pt (trainable weights) + adapter/ or model/ (main process); all processes call it."""
         from accelerate.utils import gather_object
 
-        rng = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state()}
-        rngs = gather_object([rng])  # one entry per process
+        rngs = gather_object([rng_state(batch_gen, device)])  # one entry per process
         if master:
             save_checkpoint(ckpt_path, {
                 "model": trainable_state(raw_model, cfg), "optimizer": optimizer.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "iter": iter_num, "best_val": best_val, "bad_evals": bad_evals, "base": cfg.base,
                 "method": cfg.method, "elapsed_s": elapsed_before + time.time() - t_start, "rng": rngs})
             save_result(raw_model, cfg, out_dir, tokenizer, extras)
@@ -994,9 +990,6 @@ def finetune(cfg: FinetuneConfig, argv: list) -> int:
 def main(argv=None) -> int:
     """Command-line entry point; user errors are one line on stderr (exit 2 config, 1 data/runtime)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    from data import DataError
-    from model import ModelLoadError
-
     cfg = None
     try:
         if argv[:1] == ["--merge"] and len(argv) == 2 and not argv[1].startswith("-"):
@@ -1004,21 +997,8 @@ def main(argv=None) -> int:
             return 0
         cfg = parse_config(FinetuneConfig, argv, description=__doc__.strip().splitlines()[0])
         return finetune(cfg, argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, ModelLoadError, RunError, torch.OutOfMemoryError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, torch.OutOfMemoryError):
-            message = "out of memory: lower --batch_size or --block_size, or use --grad_checkpointing"
-        if cfg is not None and cfg.out_dir and (Path(cfg.out_dir) / "status.json").is_file():
-            from accelerate import PartialState
-
-            if PartialState().is_main_process:
-                status = json.loads((Path(cfg.out_dir) / "status.json").read_text())
-                set_status(cfg.out_dir, "failed", status.get("iter", 0), message)
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+    except user_errors() as e:
+        return exit_with_error(e, cfg, oom_advice="lower --batch_size or --block_size, or use --grad_checkpointing")
 
 
 if __name__ == "__main__":

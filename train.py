@@ -385,6 +385,52 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def rng_state(batch_gen: torch.Generator, device) -> dict:
+    """This process's random state and data position (its batch sampler), one entry per process in checkpoints."""
+    return {"torch": torch.get_rng_state(), "batch": batch_gen.get_state(),
+            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+
+
+def restore_state(ckpt: dict, optimizer, accelerator, batch_gen: torch.Generator, device, rank: int, world: int):
+    """Put back the optimizer, the fp16 grad scaler, and this process's random state and data position."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt["rng"]
+    if len(rng) != world:
+        print0(f"resuming with {world} processes instead of {len(rng)}: batches will differ from an "
+               f"uninterrupted run")
+        return
+    torch.set_rng_state(rng[rank]["torch"])
+    batch_gen.set_state(rng[rank]["batch"])
+    if device.type == "cuda" and rng[rank].get("cuda") is not None:
+        torch.cuda.set_rng_state(rng[rank]["cuda"])
+
+
+def user_errors() -> tuple:
+    """The exceptions that are user mistakes or expected run failures: one line, no traceback."""
+    from data import DataError
+    from model import ModelLoadError
+
+    return ConfigError, DataError, ModelLoadError, RunError, torch.OutOfMemoryError
+
+
+def exit_with_error(e: Exception, cfg=None, oom_advice: str = "lower --batch_size") -> int:
+    """Print a user error as one line on stderr and return the exit code (2: config, 1: data or runtime).
+    A run folder that already has a status.json is marked failed with the same line, for the UI."""
+    if isinstance(e, ConfigError):
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, torch.OutOfMemoryError):
+        message = f"out of memory: {oom_advice}"
+    status_file = Path(cfg.out_dir) / "status.json" if cfg is not None and cfg.out_dir else None
+    if status_file is not None and status_file.is_file() and int(os.environ.get("RANK", "0")) == 0:
+        set_status(cfg.out_dir, "failed", json.loads(status_file.read_text()).get("iter", 0), message)
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
 def default_out_dir(cfg) -> str:
     name = cfg.hf_dataset.split("/")[-1] if cfg.hf_dataset else Path(cfg.data[0].rstrip("/*")).stem or "data"
     name = re.sub(r"[^\w.-]+", "-", name).strip("-.") or "run"
@@ -614,20 +660,9 @@ def train(cfg: TrainConfig, argv: list) -> int:
     model, optimizer = accelerator.prepare(raw_model, optimizer)
     iter_num, best_val, bad_evals, elapsed_before = 0, float("inf"), 0, 0.0
     if resume_ckpt is not None:
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        if resume_ckpt.get("scaler") and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(resume_ckpt["scaler"])
+        restore_state(resume_ckpt, optimizer, accelerator, batch_gen, device, rank, world)
         iter_num, best_val = resume_ckpt["iter"], resume_ckpt["best_val"]
         bad_evals, elapsed_before = resume_ckpt["bad_evals"], resume_ckpt["elapsed_s"]
-        rng = resume_ckpt["rng"]
-        if len(rng) == world:
-            torch.set_rng_state(rng[rank]["torch"])
-            batch_gen.set_state(rng[rank]["batch"])
-            if device.type == "cuda" and rng[rank].get("cuda") is not None:
-                torch.cuda.set_rng_state(rng[rank]["cuda"])
-        else:
-            print0(f"resuming with {world} processes instead of {len(rng)}: batches will differ from an "
-                   f"uninterrupted run")
         if master:
             truncate_jsonl(out_dir / "metrics.jsonl", iter_num)
             truncate_jsonl(out_dir / "samples.jsonl", iter_num)
@@ -638,9 +673,7 @@ def train(cfg: TrainConfig, argv: list) -> int:
 
     def save():
         """checkpoint.pt + model/ (main process), each file tmp + rename; all processes must call this."""
-        rng = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state(),
-               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        rngs = gather_object([rng])  # one entry per process
+        rngs = gather_object([rng_state(batch_gen, device)])  # one entry per process
         if master:
             save_checkpoint(ckpt_path, {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -792,27 +825,13 @@ def main(argv=None) -> int:
     if "--check" in argv:
         print_environment()
         return 0
-    from data import DataError
-    from model import ModelLoadError
-
     cfg = None
     try:
         cfg = parse_config(TrainConfig, argv, description=__doc__)
         return train(cfg, argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, ModelLoadError, RunError, torch.OutOfMemoryError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, torch.OutOfMemoryError):
-            message = "out of memory: lower --batch_size (raise --grad_accum to keep tokens/iter) or use " \
-                      "--grad_checkpointing"
-        if cfg is not None and cfg.out_dir and (Path(cfg.out_dir) / "status.json").is_file():
-            if int(os.environ.get("RANK", "0")) == 0:
-                status = json.loads((Path(cfg.out_dir) / "status.json").read_text())
-                set_status(cfg.out_dir, "failed", status.get("iter", 0), message)
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+    except user_errors() as e:
+        return exit_with_error(e, cfg, oom_advice="lower --batch_size (raise --grad_accum to keep tokens/iter) "
+                                                  "or use --grad_checkpointing")
 
 
 if __name__ == "__main__":
