@@ -35,11 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train import (ConfigError, RunError, StopFlag, TrainConfig, append_jsonl, check_config, compute_init,
-                   configure_optimizer, default_out_dir, estimate_loss, format_best_val, format_time, get_batch, get_lr,
-                   hardware_summary, install_signal_handlers, load_checkpoint, parse_config, parse_split, print0,
-                   read_jsonl, resolve_data_paths, restore_signal_handlers, restore_state, rng_state,
-                   save_checkpoint, set_status, truncate_jsonl, user_errors, write_json_atomic, exit_with_error)
+from train import (ConfigError, RunError, StopFlag, TrainConfig, agree_to_stop, append_jsonl, check_config,
+                   compute_init, configure_optimizer, default_out_dir, estimate_loss, exit_with_error,
+                   format_best_val, format_time, get_batch, get_lr, hardware_summary, install_signal_handlers,
+                   load_checkpoint, parse_config, parse_split, print0, push_finished_run, read_jsonl,
+                   resolve_data_paths, restore_signal_handlers, restore_state, rng_state, save_checkpoint, set_status,
+                   truncate_jsonl, user_errors, write_json_atomic)
 
 METHODS = ("lora", "ia3", "loha", "adalora", "full", "freeze", "prompt", "prefix")
 WEIGHT_ADAPTERS = ("lora", "ia3", "loha", "adalora")  # peft methods that change weights (mergeable)
@@ -894,12 +895,7 @@ def finetune(cfg: FinetuneConfig, argv: list) -> int:
 
             last = iter_num == cfg.max_iters
             out_of_time = cfg.max_minutes > 0 and time.time() - t_start > cfg.max_minutes * 60
-            if world > 1:
-                flags = torch.tensor([float(bool(stop)), float(out_of_time)], device=device)
-                flags = accelerator.reduce(flags, reduction="sum")
-                out_of_time = flags[1].item() > 0
-                if flags[0].item() > 0 and not stop:
-                    stop.signal = "stop"
+            out_of_time = agree_to_stop(accelerator, stop, out_of_time)
             evaluate = iter_num % cfg.eval_interval == 0 or last or out_of_time
             save_now = iter_num % save_every == 0 or last
             if iter_num % cfg.log_interval == 0 or evaluate or save_now or stop:
@@ -975,13 +971,7 @@ def finetune(cfg: FinetuneConfig, argv: list) -> int:
             print0(f"sample it: python sample.py --model {out_dir}" if cfg.method in ("full", "freeze") else
                    f"sample it: python sample.py --model {cfg.base} --adapter {out_dir}")
     if cfg.push_to_hub and status == "finished" and master:  # after wait_for_everyone: pushed once
-        import hub
-
-        try:
-            hub.push_run(str(out_dir), cfg.push_to_hub, private=cfg.hub_private, log=print0)
-        except hub.HubError as e:
-            set_status(out_dir, status, iter_num, f"fine-tuning finished; {e}")
-            print(f"error: fine-tuning finished and saved, but {e}", file=sys.stderr)
+        if push_finished_run(cfg, out_dir, iter_num, "fine-tuning"):
             return 1
     accelerator.end_training()
     return 0

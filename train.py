@@ -385,6 +385,30 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def agree_to_stop(accelerator, stop: "StopFlag", out_of_time: bool) -> bool:
+    """Make every process stop together (a signal may reach only some); returns the shared out_of_time."""
+    if accelerator.num_processes == 1:
+        return out_of_time
+    flags = torch.tensor([float(bool(stop)), float(out_of_time)], device=accelerator.device)
+    flags = accelerator.reduce(flags, reduction="sum")
+    if flags[0].item() > 0 and not stop:
+        stop.signal = "stop"
+    return flags[1].item() > 0
+
+
+def push_finished_run(cfg, out_dir, iter_num: int, what: str) -> int:
+    """--push_to_hub once the run is saved (main process, after wait_for_everyone); returns the exit code."""
+    import hub
+
+    try:
+        hub.push_run(str(out_dir), cfg.push_to_hub, private=cfg.hub_private, log=print0)
+    except hub.HubError as e:
+        set_status(out_dir, "finished", iter_num, f"{what} finished; {e}")
+        print(f"error: {what} finished and saved, but {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def rng_state(batch_gen: torch.Generator, device) -> dict:
     """This process's random state and data position (its batch sampler), one entry per process in checkpoints."""
     return {"torch": torch.get_rng_state(), "batch": batch_gen.get_state(),
@@ -720,12 +744,7 @@ def train(cfg: TrainConfig, argv: list) -> int:
 
             last = iter_num == cfg.max_iters
             out_of_time = cfg.max_minutes > 0 and time.time() - t_start > cfg.max_minutes * 60
-            if world > 1:  # every process must agree to stop together (a signal may reach only some)
-                flags = torch.tensor([float(bool(stop)), float(out_of_time)], device=device)
-                flags = accelerator.reduce(flags, reduction="sum")
-                out_of_time = flags[1].item() > 0
-                if flags[0].item() > 0 and not stop:
-                    stop.signal = "stop"
+            out_of_time = agree_to_stop(accelerator, stop, out_of_time)
             evaluate = iter_num % cfg.eval_interval == 0 or last or out_of_time
             save_now = iter_num % save_every == 0 or last
             if iter_num % cfg.log_interval == 0 or evaluate or save_now or stop:  # also checks the loss
@@ -807,13 +826,7 @@ def train(cfg: TrainConfig, argv: list) -> int:
                f"{format_time(elapsed_before + time.time() - t_start)}; model in {out_dir / 'model'}")
         print0(f"sample it: python sample.py --model {out_dir}")
     if cfg.push_to_hub and status == "finished" and master:  # after wait_for_everyone: pushed once
-        import hub
-
-        try:
-            hub.push_run(str(out_dir), cfg.push_to_hub, private=cfg.hub_private, log=print0)
-        except hub.HubError as e:
-            set_status(out_dir, status, iter_num, f"training finished; {e}")
-            print(f"error: training finished and saved, but {e}", file=sys.stderr)
+        if push_finished_run(cfg, out_dir, iter_num, "training"):
             return 1
     accelerator.end_training()
     return 0
